@@ -48,7 +48,8 @@ class Evaluator:
         mode = engine if engine == "reference" or not cross_check else "durable-rules+reference"
         self._provenance = {
             "ruleset_id": self.ruleset.id, "ruleset_version": self.ruleset.version,
-            "ruleset_sha256": self.ruleset.sha256, "cds_version": __version__,
+            "ruleset_sha256": self.ruleset.sha256,
+            "ruleset_released": self.ruleset.released, "cds_version": __version__,
             "durable_rules_version": _durable_rules_version(), "engine": mode,
         }
 

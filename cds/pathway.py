@@ -154,6 +154,11 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
                     data_items.setdefault(item, DataItem(item=item, reason=rule.effect["reason"], rule_id=rule.id))
         status = Status.DATA_REQUIRED if data_items else Status.COMPLETE
 
+    if red_flags:  # routine advice and cautions must not stand beside an escalation
+        for kind in ("advice", "caution"):
+            by_type[kind] = [r for r in by_type.get(kind, ()) if r.effect.get("scope", "always") == "always"]
+        fired = [r for r in fired if r.effect["type"] not in ("advice", "caution")
+                 or r.effect.get("scope", "always") == "always"]
     reasons = [Reason.of(ruleset, r, values) for r in fired]
     if held_back:
         reasons.append(Reason(rule_id="cds.surgery_last_resort", title="Surgery is the last resort",
