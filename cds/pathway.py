@@ -66,6 +66,15 @@ class Status(_Ordered):
     DATA_REQUIRED = "data-required"
 
 
+#: Recorded values that still leave a requested or screened item unanswered: a test that was not
+#: done is not a result (clinical.md §1.7: "exactly 3 criteria -> do HLA-B27").
+NOT_DONE = frozenset({UNKNOWN, "not-tested", "not-done"})
+
+
+def unanswered(values: Mapping[str, Any], item: str) -> bool:
+    return values.get(item, UNKNOWN) in NOT_DONE
+
+
 def findings_of(rule: "Rule", values: Mapping[str, Any]) -> list[str]:
     """The facts a rule's condition read that carry information: present findings and known values."""
     out = []
@@ -106,7 +115,7 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
         for f in findings_of(rule, values):
             entry["findings"].setdefault(f, None)
         if eff["trigger"] == "suspect":
-            entry["requests"].extend(i for i in eff.get("request", ()) if values.get(i, UNKNOWN) == UNKNOWN)
+            entry["requests"].extend(i for i in eff.get("request", ()) if unanswered(values, i))
         for key in (*cat["sources"], *rule.sources):
             entry["sources"].setdefault(key, None)
 
@@ -147,10 +156,12 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
                                                      rule_id=e["triggers"][0]))
     elif red_flags:
         status = Status.COMPLETE
-    else:
+    if not confirm_emergency and (pending_suspects or not red_flags):
+        # the required screen, also asked beside a pending suspicion (vignette MS05: the fracture screen
+        # is asked together with the aneurysm checks); a confirmed red flag supersedes it
         for rule in by_type.get("screen", ()):
             for item in rule.effect["require"]:
-                if values.get(item, UNKNOWN) == UNKNOWN:
+                if unanswered(values, item):
                     data_items.setdefault(item, DataItem(item=item, reason=rule.effect["reason"], rule_id=rule.id))
         status = Status.DATA_REQUIRED if data_items else Status.COMPLETE
 

@@ -144,10 +144,8 @@ def compile_ruleset(data: Any, *, sha256: str, path: str) -> CompiledRuleset:
         problems = []
         for e in errors[:50]:
             best = e
-            if e.context:  # oneOf: report the branch that got furthest
-                import jsonschema
-
-                best = jsonschema.exceptions.best_match(e.context) or e
+            if e.context:  # oneOf: report the branch that got furthest into the document
+                best = max(e.context, key=lambda x: (len(x.absolute_path), x.validator != "additionalProperties"))
             problems.append(Problem(_json_path(best.absolute_path), best.message[:300]))
         raise RulesetError("does not follow schemas/ruleset.schema.json", path=path, problems=problems)
     sources = data["sources"]

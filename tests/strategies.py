@@ -107,3 +107,46 @@ def screened_findings(max_changes: int = 3) -> st.SearchStrategy[dict[str, Any]]
         out["temperature_c"] = draw(st.sampled_from((36.5, 37.0, 36.8)))
         return out
     return build()
+
+
+def _seed_cases() -> list[dict[str, Any]]:
+    """Realistic starting points: the clinical vignettes and the bundled examples."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    here = Path(__file__).resolve().parent
+    out = []
+    for v in yaml.safe_load((here / "fixtures" / "vignettes.yaml").read_text(encoding="utf-8"))["vignettes"]:
+        case = {"case_id": v["id"], "context": dict(v["context"]), "findings": dict(v.get("facts") or {}),
+                "treatments": list(v.get("treatments") or [])}
+        if v.get("start_back"):
+            case["start_back"] = dict(v["start_back"])
+        out.append(case)
+    for path in sorted((here.parent / "examples").glob("*.json")):
+        out.append(json.loads(path.read_text(encoding="utf-8")))
+    return out
+
+
+SEEDS = _seed_cases()
+
+
+@st.composite
+def seeded_cases(draw: Any) -> dict[str, Any]:
+    """A vignette or example, mutated: findings dropped, flipped or added, context nudged."""
+    import copy
+
+    case = copy.deepcopy(draw(st.sampled_from(SEEDS)))
+    case.setdefault("treatments", [])
+    findings = case.setdefault("findings", {})
+    for key in draw(st.lists(st.sampled_from(sorted(findings) or ["fever"]), max_size=3, unique=True)):
+        findings.pop(key, None)
+    for key in draw(st.lists(st.sampled_from(sorted(CAT.findings)), max_size=3, unique=True)):
+        findings[key] = draw(value(key, CAT.findings[key]))
+    if draw(st.booleans()):
+        key = draw(st.sampled_from([k for k in CAT.context if k != "region"]))
+        case["context"][key] = draw(value(key, CAT.context[key]))
+    if draw(st.integers(0, 9)) == 0:
+        case["context"]["region"] = draw(st.sampled_from(("back", "hip", "both")))
+    return case

@@ -13,7 +13,7 @@ import cds
 from cds.pathway import CareStep, Status, Urgency
 from cds.rulesets import default_registry
 from cds.scores import derive
-from tests.strategies import CAT, biased_findings, cases, screened_findings
+from tests.strategies import CAT, biased_findings, cases, screened_findings, seeded_cases
 
 # The universal red-flag screen from the clinical vocabulary (required_screen.universal), written
 # out here independently of any ruleset: with one of these unknown and no red flag, a result is
@@ -38,7 +38,7 @@ def shipped() -> list[cds.Evaluator]:
 
 EVALUATORS = shipped()
 any_case = st.one_of(cases(), cases(findings=biased_findings(0.15)), cases(findings=biased_findings(0.4)),
-                     cases(findings=screened_findings()))
+                     cases(findings=screened_findings()), seeded_cases(), seeded_cases())
 
 
 def _values(ev: cds.Evaluator, case: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def test_invariant_1_red_flags_escalate(ev: cds.Evaluator, case: dict[str, Any])
 
 
 @pytest.mark.parametrize("ev", EVALUATORS, ids=lambda e: e.ruleset.key)
-@given(case=any_case, data=st.data())
+@given(case=st.one_of(any_case, seeded_cases()), data=st.data())
 def test_invariant_2_monotone_in_positive_findings(ev: cds.Evaluator, case: dict[str, Any], data: Any) -> None:
     before = ev.evaluate(case)
     worse = copy.deepcopy(case)
@@ -166,3 +166,24 @@ def test_invariant_5_deterministic_and_version_pinned(ev: cds.Evaluator, case: d
     assert first == third
     prov = ev.evaluate(case).provenance
     assert prov["ruleset_version"] == ev.ruleset.version and prov["ruleset_sha256"] == ev.ruleset.sha256
+
+
+@pytest.mark.parametrize("ev", EVALUATORS, ids=lambda e: e.ruleset.key)
+def test_invariant_2_every_single_positive_finding_on_every_seed_case(ev: cds.Evaluator) -> None:
+    """Exhaustive over realistic cases: each vignette/example with each tri-state finding made present."""
+    from tests.strategies import SEEDS
+
+    problems = []
+    for seed in SEEDS:
+        seed = dict(seed, treatments=seed.get("treatments", []))
+        before = ev.evaluate(seed)
+        for f in TRI:
+            if seed["findings"].get(f) == "present":
+                continue
+            case = copy.deepcopy(seed)
+            case["findings"][f] = "present"
+            after = ev.evaluate(case)
+            if after.urgency < before.urgency or after.care_step < before.care_step:
+                problems.append(f"{seed['case_id']} + {f}: {before.care_step}/{before.urgency} -> "
+                                f"{after.care_step}/{after.urgency}")
+    assert not problems, "\n".join(problems)
