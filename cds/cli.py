@@ -24,11 +24,20 @@ def _read_json(path: str) -> Any:
         raise FactsError([_problem("$", f"cannot read {path!r}: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise FactsError([_problem("$", "the file is not UTF-8 text")]) from None
+    return parse_json(text)
+
+
+def parse_json(text: str | bytes) -> Any:
+    """Parse one JSON document; any failure becomes a FactsError that says where, never what."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise FactsError([_problem("$", f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})")]) \
             from None
+    except UnicodeDecodeError:
+        raise FactsError([_problem("$", "the input is not UTF-8 text")]) from None
+    except RecursionError:
+        raise FactsError([_problem("$", "JSON nested too deeply")]) from None
 
 
 def _problem(path: str, message: str) -> Any:

@@ -30,6 +30,9 @@ TRI_STATES = ("present", "absent", "unknown")
 CENSOR_OPS = ("gt", "ge", "lt", "le")
 MAX_CASE_ID = 200
 MAX_TREATMENTS = 200
+#: Every number in a case lies within +-1e9: far beyond any clinical value in the vocabulary, and
+#: exactly representable on every path (the rules engine compares through IEEE doubles).
+MAX_MAGNITUDE = 1e9
 
 
 @attrs.frozen
@@ -135,7 +138,8 @@ def _type_name(value: Any) -> str:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE)
 
 
 def _parse_value(spec: Mapping[str, Any], value: Any, path: str, problems: list[Problem]) -> Value | None:
@@ -156,7 +160,8 @@ def _parse_value(spec: Mapping[str, Any], value: Any, path: str, problems: list[
         ((op, bound),) = value.items()
         if op in CENSOR_OPS and _is_number(bound):
             return Censored(op, bound)
-    problems.append(Problem(path, "expected a finite number, a censored number such as {\"gt\": 30}, or \"unknown\", "
+    problems.append(Problem(path, "expected a number between -1e9 and 1e9, a censored number such as {\"gt\": 30}, "
+                                  "or \"unknown\", "
                                   f"got {_type_name(value)}"))
     return None
 
@@ -309,7 +314,8 @@ def _parse_treatments(raw: Any, cat: Catalogue, problems: list[Problem]) -> tupl
             problems.append(Problem(f"{path}.outcome", "required: one of " + "/".join(cat.outcomes)))
         weeks = rec.get("weeks", UNKNOWN)
         if not (weeks == UNKNOWN or (_is_number(weeks) and weeks >= 0)):
-            problems.append(Problem(f"{path}.weeks", f"expected a number >= 0 or \"unknown\", got {_type_name(weeks)}"))
+            problems.append(Problem(f"{path}.weeks", f"expected a number from 0 to 1e9 or \"unknown\", "
+                                                     f"got {_type_name(weeks)}"))
         mods = rec.get("modalities", [])
         if not isinstance(mods, list):
             problems.append(Problem(f"{path}.modalities", f"expected an array of modality ids, got {_type_name(mods)}"))
@@ -319,7 +325,8 @@ def _parse_treatments(raw: Any, cat: Catalogue, problems: list[Problem]) -> tupl
                 problems.append(Problem(f"{path}.modalities[{j}]", "unknown modality id (see the vocabulary's "
                                                                      "treatments.modalities)"))
         sessions = rec.get("sessions")
-        if sessions is not None and not (isinstance(sessions, int) and not isinstance(sessions, bool) and sessions >= 0):
+        if sessions is not None and not (isinstance(sessions, int) and not isinstance(sessions, bool)
+                                         and 0 <= sessions <= MAX_MAGNITUDE):
             problems.append(Problem(f"{path}.sessions", f"expected an integer >= 0, got {_type_name(sessions)}"))
         note = rec.get("note")
         if note is not None and not (isinstance(note, str) and len(note) <= 2000):

@@ -23,8 +23,9 @@ CENSORED = {
     "minProperties": 1,
     "maxProperties": 1,
     "additionalProperties": False,
-    "properties": {op: {"type": "number"} for op in ("gt", "ge", "lt", "le")},
+    "properties": {op: {"$ref": "#/$defs/number"} for op in ("gt", "ge", "lt", "le")},
 }
+NUMBER = {"type": "number", "minimum": -1e9, "maximum": 1e9}
 
 
 def number_schema(item: dict) -> dict:
@@ -32,7 +33,7 @@ def number_schema(item: dict) -> dict:
         "description": f"{item['definition']} Unit: {item.get('unit', '-')}. A number, a censored "
         "number ({gt|ge|lt|le: N}) or \"unknown\".",
         "x-cds-kind": "number",
-        "oneOf": [{"type": "number"}, {"$ref": "#/$defs/censored"}, {"const": "unknown"}],
+        "oneOf": [{"$ref": "#/$defs/number"}, {"$ref": "#/$defs/censored"}, {"const": "unknown"}],
     }
     if "unit" in item:
         out["x-cds-unit"] = str(item["unit"])
@@ -118,14 +119,15 @@ def main(path: str) -> None:
                                                  "properties": odi}]},
         },
         "$defs": {
+            "number": NUMBER,
             "censored": CENSORED,
             "treatment": {
                 "type": "object", "additionalProperties": False, "required": ["step", "outcome"],
                 "properties": {
                     "step": {"enum": tx["record_fields"]["step"]["values"]},
                     "modalities": {"type": "array", "items": {"enum": modalities}},
-                    "weeks": {"oneOf": [{"type": "number", "minimum": 0}, {"const": "unknown"}]},
-                    "sessions": {"type": "integer", "minimum": 0},
+                    "weeks": {"oneOf": [{"type": "number", "minimum": 0, "maximum": 1e9}, {"const": "unknown"}]},
+                    "sessions": {"type": "integer", "minimum": 0, "maximum": 1e9},
                     "outcome": {"enum": tx["record_fields"]["outcome"]["values"]},
                     "note": {"type": "string", "maxLength": 2000},
                 },

@@ -568,7 +568,13 @@ class _Mapper:
                 continue
             h = handlers.get(res["resourceType"])
             if h is not None:
-                h(res)
+                try:
+                    h(res)
+                except (AttributeError, TypeError, ValueError, KeyError, IndexError, RecursionError):
+                    # A resource whose structure is not FHIR (a string where an object belongs, ...):
+                    # report it and go on; one bad resource must not lose the patient's other data.
+                    self.issue(_rid(res), "error", f"{res['resourceType']} does not have the FHIR R4 structure "
+                                                   "this adapter reads; resource skipped")
         self.finish_observations()
         self.finish_medications()
         self.finish_procedures()
@@ -939,7 +945,8 @@ class _Mapper:
     def do_medication(self, res: dict) -> None:
         rid = _rid(res)
         kind = res["resourceType"]
-        status = (res.get("status") or "").lower()
+        status = res.get("status")
+        status = status.lower() if isinstance(status, str) else ""
         if status in ("entered-in-error", "cancelled", "draft", "not-taken") or res.get("doNotPerform") is True:
             return
         if res.get("intent") == "proposal":
@@ -1220,7 +1227,9 @@ class _Mapper:
             return
         self.sb_qr.append((got[0], str(res["authored"]), res))
 
-    def _walk_items(self, items: list) -> Iterator[dict]:
+    def _walk_items(self, items: Any) -> Iterator[dict]:
+        if not isinstance(items, list):
+            return
         for it in items:
             if not isinstance(it, dict):
                 continue
