@@ -48,14 +48,14 @@ is an error and 0 with warnings only. Checks:
   - *self-care under a red flag* (error): a rule proposing ``self-care`` whose condition implies
     that some red-flag rule fires (it can only ever fire together with a red flag, so it can never
     deliver its proposal), or a red-flag effect with ``care_step`` self-care / physical-therapy.
-  - *self-care beside a red flag* (warning): a self-care proposal that can fire together with a
-    red-flag rule. The pathway raises the step to at least ``medical``, so the proposal is
-    overridden, but its reason is still listed in the recommendation.
   - *care-step override* (warning): two care-step rules proposing different steps can both fire;
     the highest proposal wins and the lower one's message and content are not shown.
   - *hidden by rule order* (warning): two care-step rules proposing the same step with different
-    wording or referral target can both fire; the earlier rule's message, content and referral
-    target are shown and the later one's are not.
+    referral targets can both fire; the recommendation carries the earlier rule's target only (the
+    pathway merges the content of every rule proposing the winning step).
+
+  A self-care proposal that can fire beside a red flag is not reported: the pathway supersedes
+  proposals below the escalated step and leaves them out of the recommendation.
 
 * ``shadowed`` (warning): a rule whose condition implies another rule's condition while both have
   the same decision (the same effect once wording is set aside: message, content, reason). Its
@@ -1098,12 +1098,9 @@ class _Linter:
                 if isinstance(w, dict):
                     together.append(f.id)
                     example = example or (f.id, w)
-            if together:
-                assert example is not None
-                self.add(r.id, "warning", "conflict", f"proposes self-care and can fire together with red-flag rule(s) "
-                         f"{_names(together, 5)}; e.g. with {example[0]}: {_witness_text(example[1])}",
-                         "the pathway raises the care step to at least medical whenever a red flag fires, so this "
-                         "proposal is overridden, but its reason is still listed in the recommendation")
+            # Firing beside a red flag is not reported: the pathway supersedes care-step proposals below
+            # the escalated step and leaves them out of the recommendation's reasons.
+            del together, example
         rank = {s: i for i, s in enumerate(STEPS)}
         over: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         hidden: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -1118,7 +1115,11 @@ class _Linter:
                 if not isinstance(w, dict):
                     continue
                 if same:
-                    hidden.setdefault(b.id, []).append((a.id, w))
+                    # the pathway merges the content of every rule proposing the winning step; only a
+                    # second, different referral target is lost (the first one is shown)
+                    ta, tb = a.effect.get("referral_target"), b.effect.get("referral_target")
+                    if ta and tb and ta != tb:
+                        hidden.setdefault(b.id, []).append((a.id, w))
                 else:
                     low, high = (a, b) if sa < sb else (b, a)
                     over.setdefault(low.id, []).append((high.id, w))
@@ -1133,12 +1134,11 @@ class _Linter:
             if r.id in hidden:
                 earlier = hidden[r.id]
                 tgt = r.effect.get("referral_target")
-                lost = "message and content" + (f" and its referral target {tgt}" if tgt else "")
-                self.add(r.id, "warning", "conflict", f"proposes {r.effect['step']} like the earlier rule(s) "
-                         f"{_names([e for e, _ in earlier])} and can fire together with them, "
-                         f"e.g. with {earlier[0][0]}: {_witness_text(earlier[0][1])}",
-                         f"the first proposal of the winning step supplies the detail, so this rule's {lost} are not "
-                         "shown when an earlier one fires too; reorder the rules or make the conditions exclusive")
+                self.add(r.id, "warning", "conflict", f"proposes {r.effect['step']} with referral target {tgt}, like "
+                         f"the earlier rule(s) {_names([e for e, _ in earlier])} with another target, and can fire "
+                         f"together with them, e.g. with {earlier[0][0]}: {_witness_text(earlier[0][1])}",
+                         "the recommendation carries one referral target, the first rule's; reorder the rules or "
+                         "make the conditions exclusive")
 
     def _step(self, rid: str) -> str:
         return next(r.effect["step"] for r in self.rules if r.id == rid)

@@ -138,7 +138,11 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
                                             "medical treatment, each for an adequate duration, is not documented"
     if red_flags:
         step = max(step, CareStep.MEDICAL, *(e["care_step"] for e in flags.values()))
-    step_rule = next((r for r in proposals if CareStep(r.effect["step"]) is step), None)
+    # every rule proposing the winning step contributes its content and (first) referral target
+    winners = [r for r in proposals if CareStep(r.effect["step"]) is step]
+    step_rule = winners[0] if winners else None
+    step_content = tuple(dict.fromkeys(c for r in winners for c in r.effect.get("content", ())))
+    step_referral = next((r.effect["referral_target"] for r in winners if "referral_target" in r.effect), None)
 
     # ---- status and the items to ask
     data_items: dict[str, DataItem] = {}
@@ -165,11 +169,14 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
                     data_items.setdefault(item, DataItem(item=item, reason=rule.effect["reason"], rule_id=rule.id))
         status = Status.DATA_REQUIRED if data_items else Status.COMPLETE
 
-    if red_flags:  # routine advice and cautions must not stand beside an escalation
+    if red_flags:
+        # Routine advice and cautions must not stand beside an escalation, and care-step proposals
+        # below the escalated step (e.g. STarT low -> self-care) are superseded by it.
         for kind in ("advice", "caution"):
             by_type[kind] = [r for r in by_type.get(kind, ()) if r.effect.get("scope", "always") == "always"]
-        fired = [r for r in fired if r.effect["type"] not in ("advice", "caution")
-                 or r.effect.get("scope", "always") == "always"]
+        fired = [r for r in fired if not (
+            (r.effect["type"] in ("advice", "caution") and r.effect.get("scope", "always") != "always")
+            or (r.effect["type"] == "care-step" and CareStep(r.effect["step"]) < step))]
     reasons = [Reason.of(ruleset, r, values) for r in fired]
     if held_back:
         reasons.append(Reason(rule_id="cds.surgery_last_resort", title="Surgery is the last resort",
@@ -187,13 +194,13 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
         top = max(red_flags, key=lambda f: f.urgency)  # first of the highest urgency, in rule order
         referral = top.referral_target
     else:
-        referral = step_rule.effect.get("referral_target") if step_rule else None
+        referral = step_referral
     rec = Recommendation(
         case_id=case_id, care_step=step, urgency=urgency, status=status, referral_target=referral,
         red_flags=red_flags, weak_flags=weak, data_required=tuple(data_items.values()), reasons=tuple(reasons),
         advice=tuple(advice.values()), cautions=cautions,
         care_step_detail=(step_rule.effect.get("message") if step_rule else None),
-        care_step_content=tuple(step_rule.effect.get("content", ())) if step_rule else (),
+        care_step_content=step_content,
         provenance=dict(provenance),
     )
     guard(rec)
