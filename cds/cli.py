@@ -88,24 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compact", action="store_true", help="one line of JSON per case")
     ev.set_defaults(func=cmd_evaluate)
 
-    try:
-        from cds import governance
-    except ImportError:  # pragma: no cover - while governance is being built
-        governance = None  # type: ignore[assignment]
-    if governance is not None:
-        governance.add_parser(sub)
-    try:
-        from cds import batch
-    except ImportError:  # pragma: no cover
-        batch = None  # type: ignore[assignment]
-    if batch is not None and hasattr(batch, "add_parser"):
-        batch.add_parser(sub)
-    try:
-        from cds.fhir import cli as fhir_cli
-    except ImportError:  # pragma: no cover
-        fhir_cli = None  # type: ignore[assignment]
-    if fhir_cli is not None:
-        fhir_cli.add_parser(sub)
+    # Each command group registers itself; heavy imports (starlette, dask) happen only when run.
+    from cds import batch, governance
+    from cds.fhir import cli as fhir_cli
+    from cds.hooks import cli as hooks_cli
+
+    governance.add_parser(sub)
+    batch.add_parser(sub)
+    fhir_cli.add_parser(sub)
+    hooks_cli.add_parser(sub)
     return p
 
 

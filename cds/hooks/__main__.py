@@ -1,0 +1,3 @@
+from cds.hooks.cli import main
+
+raise SystemExit(main())
