@@ -9,6 +9,7 @@ answer must never be returned silently. ``cross_check=False`` runs only the chos
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from cds.rulesets import CompiledRuleset, Registry, load_ruleset
 from cds.scores import derive
 
 ENGINES = ("durable-rules", "reference")
+log = logging.getLogger("cds")
 
 
 def _durable_rules_version() -> str:
@@ -76,7 +78,11 @@ class Evaluator:
         fired = self.fired(values, facts.case_id)
         rules = [self.ruleset.rules_by_id[i] for i in fired]
         provenance = dict(self._provenance, input_sha256=facts.sha256())
-        return combine(self.ruleset, facts.case_id, values, rules, provenance)
+        rec = combine(self.ruleset, facts.case_id, values, rules, provenance)
+        if log.isEnabledFor(logging.DEBUG):  # the case id is the only case data cds ever logs
+            log.debug("case %r: %d rule(s) fired; %s, %s, %s", facts.case_id, len(rules), rec.status.value,
+                      rec.urgency.value, rec.care_step.value)
+        return rec
 
     def evaluate_many(self, cases: Iterable[Mapping[str, Any] | PatientFacts]) -> Iterable[Recommendation]:
         for case in cases:

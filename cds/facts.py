@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -116,9 +117,13 @@ def catalogue() -> Catalogue:
     )
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+
+
 def _path(parent: str, key: str) -> str:
-    safe = key if key.replace("_", "").isalnum() and len(key) <= 64 else json.dumps(key[:64])
-    return f"{parent}.{safe}"
+    # A key that looks like a concept id is shown (a misspelt id must be findable); anything else
+    # might be patient data typed into the wrong place, so it is not repeated.
+    return f"{parent}.{key}" if _IDENTIFIER.fullmatch(key) else f"{parent}[<a key that is not an identifier>]"
 
 
 def _type_name(value: Any) -> str:

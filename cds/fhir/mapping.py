@@ -115,6 +115,17 @@ _IGNORED_VERIFICATION = {"refuted", "entered-in-error"}
 _HIERARCHICAL = {"icd10", "atc"}
 
 
+
+_TOKEN = re.compile(r"[A-Za-z0-9._:/|+-]{1,40}")
+
+
+def _shown(value: Any) -> str:
+    """A value quoted in an issue only when it is a short code-like token (a status, unit, code);
+    free text, which may be patient data, is never repeated."""
+    if isinstance(value, str) and _TOKEN.fullmatch(value) and not re.fullmatch(r"[0-9]{4}-.*", value):
+        return repr(value)
+    return "(value not shown)"
+
 def _norm_code(system_key: str, code: str) -> str:
     code = str(code).strip()
     if system_key in _HIERARCHICAL:
@@ -512,17 +523,17 @@ class _Mapper:
                 self.issue(refs[0], "warning", f"{fact}: record says absent here but present in "
                                                f"{', '.join(cur.refs)}; present kept")
             return
-        self.issue(refs[0], "warning", f"{fact}: conflicting values {cur.value!r} and {value!r}; "
+        self.issue(refs[0], "warning", f"{fact}: conflicting values {_shown(cur.value)} and {_shown(value)}; "
                                        f"first kept")
 
     def date_of(self, res: dict, field: str, value: Any) -> tuple[dt.date, str] | None:
         try:
             d, precision = _parse_date(value)
         except _BadDate:
-            self.issue(_rid(res), "warning", f"unparseable date {value!r} in {field}; ignored")
+            self.issue(_rid(res), "warning", f"unparseable date in {field}; ignored")
             return None
         if precision != "day":
-            self.issue(_rid(res), "info", f"{field} {value!r} has {precision} precision; read as {d.isoformat()}")
+            self.issue(_rid(res), "info", f"{field} has {precision} precision; read as the first day of it")
         return d, precision
 
     def match(self, res: dict, cc: Any, section: str, field: str) -> list[tuple[_Entry, str, str]]:
@@ -535,7 +546,7 @@ class _Mapper:
                 continue
             if not c.get("system"):
                 self.issue(_rid(res), "warning",
-                           f"{field}.coding[{i}] code {code!r} has no system; not mapped")
+                           f"{field}.coding[{i}] code {_shown(code)} has no system; not mapped")
                 continue
             key = self.t.system_key(c.get("system"))
             if key is None:
@@ -619,7 +630,7 @@ class _Mapper:
         if gender in ("female", "male", "other", "unknown"):
             self.context["sex"] = _Evidence(gender, [rid])
         elif gender is not None:
-            self.issue(rid, "warning", f"Patient.gender {gender!r} is not a FHIR administrative gender; sex unknown")
+            self.issue(rid, "warning", f"Patient.gender {_shown(gender)} is not a FHIR administrative gender; sex unknown")
         if p.get("birthDate") is not None:
             got = self.date_of(p, "Patient.birthDate", p["birthDate"])
             if got:
@@ -659,7 +670,7 @@ class _Mapper:
             else:
                 self.issue(rid, "info", "Condition.onsetAge without a birth date or not in years; ignored")
         elif "onsetString" in res:
-            self.issue(rid, "info", f"Condition.onsetString {res['onsetString']!r} is free text; onset unknown")
+            self.issue(rid, "info", "Condition.onsetString is free text; onset unknown")
         abatement = None
         if "abatementDateTime" in res:
             got = self.date_of(res, "Condition.abatementDateTime", res["abatementDateTime"])
@@ -687,7 +698,7 @@ class _Mapper:
         code = res.get("code")
         if not _codings(code):
             if isinstance(code, dict) and code.get("text"):
-                self.issue(rid, "info", f"Condition has text only ({code['text']!r}), no coding; not mapped")
+                self.issue(rid, "info", "Condition has text only, no coding; not mapped")
             elif code is None:
                 self.issue(rid, "warning", "Condition has no code; not mapped")
             return
@@ -706,7 +717,7 @@ class _Mapper:
         if clinical is None:
             pass
         elif clinical not in _ACTIVE | {"inactive", "remission", "resolved"}:
-            self.issue(rid, "warning", f"clinicalStatus {clinical!r} is not a FHIR condition-clinical code; "
+            self.issue(rid, "warning", f"clinicalStatus {_shown(clinical)} is not a FHIR condition-clinical code; "
                                        f"treated as not active")
         if abatement is not None and abatement <= self.ref and active:
             self.issue(rid, "warning", f"clinicalStatus {clinical} but abatement {abatement.isoformat()} is "
@@ -808,7 +819,7 @@ class _Mapper:
             if item:
                 self.sb_obs[item].append((date, raw, res, rid))
             else:
-                self.issue(rid, "warning", f"STarT Back observation code {sb_items[0].get('code')!r} is not q1..q9")
+                self.issue(rid, "warning", f"STarT Back observation code {_shown(sb_items[0].get('code'))} is not q1..q9")
         for entry, display, holder in targets:
             d = entry.data
             fact = d["fact"]
@@ -866,7 +877,7 @@ class _Mapper:
         ukey = str(unit).strip().lower() if unit is not None else None
         table = self._UNITS[kind]
         if ukey not in table:
-            self.issue(rid, "warning", f"{display}: unit {unit!r} not understood for {fact}; not used")
+            self.issue(rid, "warning", f"{display}: unit {_shown(unit)} not understood for {fact}; not used")
             return None
         factor = table[ukey]
         if factor == "F":
@@ -884,7 +895,7 @@ class _Mapper:
         if comp:
             key = self._COMPARATORS.get(comp)
             if key is None:
-                self.issue(rid, "warning", f"{display}: comparator {comp!r} not understood; not used")
+                self.issue(rid, "warning", f"{display}: comparator {_shown(comp)} not understood; not used")
                 return None
             return {key: val}
         return val
@@ -937,7 +948,7 @@ class _Mapper:
             else:
                 med = self.full_urls.get(r) or self.by_type_id.get(("Medication", _ref_id(r) or ""))
             if med is None:
-                self.issue(_rid(res), "warning", f"medicationReference {r!r} cannot be resolved; not mapped")
+                self.issue(_rid(res), "warning", f"medicationReference {_shown(r)} cannot be resolved; not mapped")
                 return None, None
             return med.get("code"), med
         return None, None
@@ -1021,7 +1032,7 @@ class _Mapper:
             if not non_systemic:
                 for label, pat in self._NAME_HINTS.items():
                     if pat.search(text):
-                        self.issue(rid, "warning", f"{text.strip()!r} looks like a {label} by name but its code is "
+                        self.issue(rid, "warning", f"a text that looks like a {label} by name but its code is "
                                                    f"not in codes.yaml; not mapped")
                         break
             return
@@ -1140,7 +1151,7 @@ class _Mapper:
                 if d.get("body_site") == "hip":
                     ok = bool(self._HIP_SITE.search(site_text)) or bool(site_codes & self._HIP_SITE_CODES)
                     if not ok:
-                        self.issue(rid, "info", f"{display}: body site {site_text or 'not recorded'!r} is not the "
+                        self.issue(rid, "info", f"{display}: body site {'recorded' if site_text else 'not recorded'} is not the "
                                                 f"hip; {fact} not set")
                 if ok and when == "recent":
                     if date is None:
@@ -1167,7 +1178,7 @@ class _Mapper:
         if text in po.get("text_values", []):
             return text
         if oc:
-            self.issue(_rid(res), "info", f"Procedure.outcome {_cc_text(oc)!r} not understood; outcome unknown")
+            self.issue(_rid(res), "info", f"Procedure.outcome {_shown(_cc_text(oc))} not understood; outcome unknown")
         return None
 
     def finish_procedures(self) -> None:
@@ -1214,7 +1225,7 @@ class _Mapper:
             return
         status = res.get("status")
         if status not in ("completed", "amended"):
-            self.issue(rid, "info", f"STarT Back QuestionnaireResponse with status {status!r}; not used")
+            self.issue(rid, "info", f"STarT Back QuestionnaireResponse with status {_shown(status)}; not used")
             return
         if not res.get("authored"):
             self.issue(rid, "warning", "STarT Back QuestionnaireResponse without an authored date; not used")
@@ -1282,7 +1293,7 @@ class _Mapper:
                     if w in disagree:
                         return True, False
         if cands:
-            self.issue(rid, "warning", f"STarT Back {item}: answer {cands[0]!r} not understood; left unanswered")
+            self.issue(rid, "warning", f"STarT Back {item}: answer {_shown(cands[0])} not understood; left unanswered")
         return False, None
 
     def finish_start_back(self) -> None:
