@@ -149,8 +149,8 @@ def _is_number(value: Any) -> bool:
 
 def _parse_value(spec: Mapping[str, Any], value: Any, path: str, problems: list[Problem]) -> Value | None:
     kind = spec["kind"]
-    if kind in ("tri_state", "enum"):
-        if isinstance(value, str) and value in spec["values"]:
+    if kind != "number":
+        if value.__class__ is str and value in spec["values"]:
             return value
         allowed = "/".join(spec["values"])
         problems.append(Problem(path, f"expected one of {allowed}, got {_type_name(value)} that is not one of them"
@@ -270,13 +270,10 @@ class PatientFacts:
     def to_dict(self) -> dict[str, Any]:
         """The canonical case dict (unknown values dropped, numbers and censored bounds as JSON)."""
 
-        def enc(v: Value) -> Any:
-            return v.to_json() if isinstance(v, Censored) else v
-
         out: dict[str, Any] = {
             "case_id": self.case_id,
-            "context": {k: enc(v) for k, v in self.context.items()},
-            "findings": {k: enc(v) for k, v in self.findings.items()},
+            "context": {k: (v.to_json() if v.__class__ is Censored else v) for k, v in self.context.items()},
+            "findings": {k: (v.to_json() if v.__class__ is Censored else v) for k, v in self.findings.items()},
             "treatments": [t.to_json() for t in self.treatments],
         }
         if self.start_back is not None:

@@ -31,16 +31,19 @@ if TYPE_CHECKING:
     from cds.rulesets import CompiledRuleset, Rule
 
 
+_RANKS: dict[Any, int] = {}
+
+
 @functools.total_ordering
 class _Ordered(enum.Enum):
     @property
     def rank(self) -> int:
-        return list(type(self)).index(self)
+        return _RANKS[self]
 
     def __lt__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return self.rank < other.rank  # type: ignore[attr-defined]
+        return _RANKS[self] < _RANKS[other]
 
     def __str__(self) -> str:
         return str(self.value)
@@ -64,6 +67,10 @@ class Urgency(_Ordered):
 class Status(_Ordered):
     COMPLETE = "complete"
     DATA_REQUIRED = "data-required"
+
+
+for _enum in (CareStep, Urgency, Status):
+    _RANKS.update((member, i) for i, member in enumerate(_enum))
 
 
 #: Recorded values that still leave a requested or screened item unanswered: a test that was not
@@ -155,9 +162,10 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
         status = Status.DATA_REQUIRED
         for fid, e in pending_suspects:
             for item in e["requests"]:
-                data_items.setdefault(item, DataItem(item=item, reason=f"asked or examined now to confirm or rule "
-                                                                       f"out {ruleset.red_flags[fid]['label']}",
-                                                     rule_id=e["triggers"][0]))
+                if item not in data_items:
+                    data_items[item] = DataItem(item=item, reason="asked or examined now to confirm or rule out "
+                                                                  + ruleset.red_flags[fid]["label"],
+                                                rule_id=e["triggers"][0])
     elif red_flags:
         status = Status.COMPLETE
     if not confirm_emergency and (pending_suspects or not red_flags):
@@ -165,8 +173,8 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
         # is asked together with the aneurysm checks); a confirmed red flag supersedes it
         for rule in by_type.get("screen", ()):
             for item in rule.effect["require"]:
-                if unanswered(values, item):
-                    data_items.setdefault(item, DataItem(item=item, reason=rule.effect["reason"], rule_id=rule.id))
+                if item not in data_items and values.get(item, UNKNOWN) in NOT_DONE:
+                    data_items[item] = DataItem(item=item, reason=rule.effect["reason"], rule_id=rule.id)
         status = Status.DATA_REQUIRED if data_items else Status.COMPLETE
 
     if red_flags:
@@ -177,18 +185,17 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
         fired = [r for r in fired if not (
             (r.effect["type"] in ("advice", "caution") and r.effect.get("scope", "always") != "always")
             or (r.effect["type"] == "care-step" and CareStep(r.effect["step"]) < step))]
-    reasons = [Reason.of(ruleset, r, values) for r in fired]
-    if held_back:
-        reasons.append(Reason(rule_id="cds.surgery_last_resort", title="Surgery is the last resort",
-                              effect="care-step", message=held_back, sources=(), facts_used=()))
+    extra = () if not held_back else (Reason(rule_id="cds.surgery_last_resort", title="Surgery is the last resort",
+                                             effect="care-step", message=held_back, sources=(), facts_used=()),)
     advice: dict[str, Advice] = {}
     for r in by_type.get("advice", ()):
-        advice.setdefault(r.effect["text"], Advice(text=r.effect["text"], code=r.effect.get("code"), rule_id=r.id,
-                                                   sources=tuple(r.sources)))
+        if r.effect["text"] not in advice:
+            advice[r.effect["text"]] = Advice(text=r.effect["text"], code=r.effect.get("code"), rule_id=r.id,
+                                              sources=r.sources)
     cautions = tuple(Caution(rule_id=r.id, message=r.effect["message"], do_not=tuple(r.effect.get("do_not", ())),
-                             sources=tuple(r.sources)) for r in by_type.get("caution", ()))
+                             sources=r.sources) for r in by_type.get("caution", ()))
     weak = tuple(WeakFlag(id=r.id, pathology=r.effect.get("pathology"), message=r.effect["message"],
-                          findings=tuple(findings_of(r, values)), sources=tuple(r.sources))
+                          findings=tuple(findings_of(r, values)), sources=r.sources)
                  for r in by_type.get("weak-flag", ()))
     if red_flags:
         top = max(red_flags, key=lambda f: f.urgency)  # first of the highest urgency, in rule order
@@ -197,11 +204,11 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
         referral = step_referral
     rec = Recommendation(
         case_id=case_id, care_step=step, urgency=urgency, status=status, referral_target=referral,
-        red_flags=red_flags, weak_flags=weak, data_required=tuple(data_items.values()), reasons=tuple(reasons),
+        red_flags=red_flags, weak_flags=weak, data_required=tuple(data_items.values()),
         advice=tuple(advice.values()), cautions=cautions,
         care_step_detail=(step_rule.effect.get("message") if step_rule else None),
         care_step_content=step_content,
-        provenance=dict(provenance),
+        provenance=dict(provenance), reason_rules=tuple(fired), reason_values=values, extra_reasons=extra,
     )
     guard(rec)
     return rec

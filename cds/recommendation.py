@@ -7,6 +7,7 @@ ruleset version always give the same bytes (no clocks, no random ids).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -63,12 +64,10 @@ class Reason:
     facts_used: tuple[tuple[str, Any], ...]
 
     @classmethod
-    def of(cls, ruleset: "CompiledRuleset", rule: "Rule", values: Mapping[str, Any]) -> "Reason":
-        eff = rule.effect
-        message = eff.get("message") or eff.get("reason") or eff.get("text") or rule.title
-        return cls(rule_id=rule.id, title=rule.title, effect=eff["type"], message=message,
-                   sources=tuple((k, ruleset.sources[k]["citation"]) for k in rule.sources),
-                   facts_used=tuple((f, values.get(f, UNKNOWN)) for f in rule.facts))
+    def of(cls, rule: "Rule", values: Mapping[str, Any]) -> "Reason":
+        get = values.get
+        return cls(rule_id=rule.id, title=rule.title, effect=rule.effect["type"], message=rule.message,
+                   sources=rule.citations, facts_used=tuple([(f, get(f, UNKNOWN)) for f in rule.facts]))
 
 
 @attrs.frozen
@@ -97,12 +96,21 @@ class Recommendation:
     red_flags: tuple[RedFlag, ...]
     weak_flags: tuple[WeakFlag, ...]
     data_required: tuple[DataItem, ...]
-    reasons: tuple[Reason, ...]
     advice: tuple[Advice, ...]
     cautions: tuple[Caution, ...]
     care_step_detail: str | None
     care_step_content: tuple[str, ...]
     provenance: Mapping[str, Any]
+    # The reasons are built when first read (serialising them is most of a recommendation's cost and a
+    # batch or service may not need them all): the fired rules and the values they read.
+    reason_rules: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
+    reason_values: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+    extra_reasons: tuple[Reason, ...] = ()
+
+    @functools.cached_property
+    def reasons(self) -> tuple[Reason, ...]:
+        """Every rule that fired (in ruleset order): its message, citations and the facts it read."""
+        return tuple(Reason.of(r, self.reason_values) for r in self.reason_rules) + self.extra_reasons
 
     @property
     def escalated(self) -> bool:

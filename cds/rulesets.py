@@ -86,6 +86,8 @@ class Rule:
     predicate: C.Predicate = attrs.field(eq=False, repr=False)
     evidence: str | None = None
     note: str | None = None
+    message: str = ""                                # the effect's words, for the recommendation
+    citations: tuple[tuple[str, str], ...] = ()      # (source key, full citation)
 
 
 @attrs.define(eq=False)
@@ -187,7 +189,9 @@ def compile_ruleset(data: Any, *, sha256: str, path: str) -> CompiledRuleset:
             problems.append(Problem(f"{where}.effect.request", "a suspect trigger must list the items to request"))
         rules.append(Rule(id=raw["id"], title=raw["title"], when=node, effect=eff, sources=tuple(raw["sources"]),
                           facts=C.facts_of(node), predicate=C.compile_predicate(node),
-                          evidence=raw.get("evidence"), note=raw.get("note")))
+                          evidence=raw.get("evidence"), note=raw.get("note"),
+                          message=eff.get("message") or eff.get("reason") or eff.get("text") or raw["title"],
+                          citations=tuple((k, sources[k]["citation"]) for k in raw["sources"] if k in sources)))
     if problems:
         raise RulesetError("cannot be compiled", path=path, problems=problems)
     return CompiledRuleset(
