@@ -147,11 +147,15 @@ def _is_number(value: Any) -> bool:
             and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE)
 
 
-def _parse_value(spec: Mapping[str, Any], value: Any, path: str, problems: list[Problem]) -> Value | None:
+def _parse_value(spec: Mapping[str, Any], value: Any, parent: str, key: str, problems: list[Problem]) -> Value | None:
     kind = spec["kind"]
     if kind != "number":
         if value.__class__ is str and value in spec["values"]:
             return value
+    elif (value.__class__ is int or value.__class__ is float) and -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:
+        return value  # the common case, checked first (NaN fails the comparison)
+    path = _path(parent, key)  # built only when something is wrong
+    if kind != "number":
         allowed = "/".join(spec["values"])
         problems.append(Problem(path, f"expected one of {allowed}, got {_type_name(value)} that is not one of them"
                                 if isinstance(value, str) else f"expected one of {allowed}, got {_type_name(value)}"))
@@ -225,7 +229,7 @@ class PatientFacts:
                     problems.append(Problem(_path("$.context", str(key)),
                                             "unknown context id; expected one of " + ", ".join(cat.context)))
                     continue
-                parsed = _parse_value(spec, value, _path("$.context", key), problems)
+                parsed = _parse_value(spec, value, "$.context", key, problems)
                 if parsed is not None and parsed != UNKNOWN:
                     context[key] = parsed
             if "region" not in raw_ctx:
@@ -242,7 +246,7 @@ class PatientFacts:
                     problems.append(Problem(_path("$.findings", str(key)),
                                             "unknown finding id (see schemas/patient-facts.schema.json)"))
                     continue
-                parsed = _parse_value(spec, value, _path("$.findings", key), problems)
+                parsed = _parse_value(spec, value, "$.findings", key, problems)
                 if parsed is not None and parsed != UNKNOWN:
                     findings[key] = parsed
         reasons: dict[str, str] = {}
