@@ -1,7 +1,8 @@
 """Batch evaluation of case files: ``cds batch`` and the :func:`run` / :func:`evaluate_many` API.
 
 Inputs
-    Folders (every ``*.json`` below them, recursively, in sorted path order), ``*.json`` files (one
+    Folders (every ``*.json``, ``*.ndjson`` and ``*.jsonl`` below them, recursively, in sorted path
+    order), ``*.json`` files (one
     case each) and ``*.ndjson`` / ``*.jsonl`` files (one case per line), in the order given. Blank lines
     are not cases and yield no record, but every physical line is counted, so ``source.line`` is the
     line an editor shows. A case whose ``resourceType`` is ``"Bundle"`` is a FHIR R4 Bundle and goes
@@ -547,10 +548,11 @@ def _expand_inputs(inputs: Sequence[str | os.PathLike[str]], exclude: Callable[[
             found = []
             for root, dirs, names in os.walk(top, onerror=unreadable_folder):
                 dirs.sort()
-                found += [os.path.join(root, n) for n in names if n.lower().endswith(".json")
+                # every case file in the folder: a folder holding NDJSON must not lose its cases silently
+                found += [os.path.join(root, n) for n in names if n.lower().endswith((".json", *NDJSON_SUFFIXES))
                           and not exclude(os.path.abspath(os.path.join(root, n)))]
             for name in sorted(found, key=lambda s: Path(s).parts):
-                add(name, False)
+                add(name, Path(name).suffix.lower() in NDJSON_SUFFIXES)
         elif os.path.isfile(top):
             suffix = Path(top).suffix.lower()
             if suffix not in NDJSON_SUFFIXES + (".json",):
@@ -1252,7 +1254,7 @@ def add_parser(subparsers: Any) -> None:
                "is a result; 2 some records are errors, or bad usage; 1 the run failed. "
                "cds batch summarize RESULTS [--html REPORT.html] rebuilds the summary of a results file.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="folders of *.json cases (recursive), *.json, *.ndjson or *.jsonl files")
+                   help="folders (recursive: every *.json, *.ndjson and *.jsonl in them), or such files")
     p.add_argument("-o", "--out", metavar="RESULTS.ndjson", help="the results file (required)")
     p.add_argument("--ruleset", default="back-hip-pain", metavar="ID[@VERSION]",
                    help="ruleset id, optionally pinned to a version (default: newest active back-hip-pain)")

@@ -411,3 +411,22 @@ def test_progress_bar_lines_or_silence(tmp_path, monkeypatch, capsys):
     assert main(["batch", str(src), "--out", str(tmp_path / "c.ndjson"), "--engine", ENGINE, "--workers", "0",
                  "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_folder_contributes_its_ndjson_files_too(tmp_path):
+    """Nothing is silently skipped: NDJSON files inside a folder are read like top-level ones."""
+    import json as _json
+
+    from cds.batch import run
+
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    one = {"case_id": "j1", "context": {"region": "back"}}
+    (folder / "a.json").write_text(_json.dumps(one))
+    (folder / "sub" / "b.ndjson").write_text("\n".join(_json.dumps(dict(one, case_id=f"n{i}")) for i in range(3)))
+    (folder / "c.jsonl").write_text(_json.dumps(dict(one, case_id="l1")) + "\n")
+    (folder / "notes.txt").write_text("not a case file")
+    out = tmp_path / "results.ndjson"
+    run([folder], out, workers=0, engine="reference")
+    ids = sorted(_json.loads(line)["case_id"] for line in out.read_text().splitlines())
+    assert ids == ["j1", "l1", "n0", "n1", "n2"]
