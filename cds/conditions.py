@@ -56,24 +56,24 @@ class In:
 
 @attrs.frozen
 class Count:
-    items: tuple["Node", ...]
+    items: tuple[Node, ...]
     op: str
     n: int
 
 
 @attrs.frozen
 class And:
-    items: tuple["Node", ...]
+    items: tuple[Node, ...]
 
 
 @attrs.frozen
 class Or:
-    items: tuple["Node", ...]
+    items: tuple[Node, ...]
 
 
 @attrs.frozen
 class Not:
-    item: "Node"
+    item: Node
 
 
 Node = Union[Is, Cmp, In, Count, And, Or, Not]
@@ -114,12 +114,12 @@ def parse(raw: Any, ctx: ParseContext, path: str) -> Node:
         return placeholder
     form = forms[0]
     if form in ("all", "any"):
-        items = raw[form]
+        raw_items = raw[form]
         _only(raw, (form,), ctx, path)
-        if not isinstance(items, list) or not items:
+        if not isinstance(raw_items, list) or not raw_items:
             ctx.error(f"{path}.{form}", "expected a non-empty list of conditions")
             return placeholder
-        nodes = tuple(parse(c, ctx, f"{path}.{form}[{i}]") for i, c in enumerate(items))
+        nodes = tuple(parse(c, ctx, f"{path}.{form}[{i}]") for i, c in enumerate(raw_items))
         return And(nodes) if form == "all" else Or(nodes)
     if form == "not":
         _only(raw, ("not",), ctx, path)

@@ -7,7 +7,7 @@ vocabulary (never free text or numbers from the case).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import attrs
 

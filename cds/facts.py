@@ -198,7 +198,7 @@ class PatientFacts:
         return str(self.context["region"])
 
     @classmethod
-    def from_dict(cls, data: Any) -> "PatientFacts":
+    def from_dict(cls, data: Any) -> PatientFacts:
         """Validate and structure a case dict; raise FactsError listing every problem."""
         problems: list[Problem] = []
         case_id = None
@@ -338,7 +338,7 @@ def _parse_treatments(raw: Any, cat: Catalogue, problems: list[Problem]) -> tupl
         if note is not None and not (isinstance(note, str) and len(note) <= 2000):
             problems.append(Problem(f"{path}.note", "expected a string of at most 2000 characters"))
         if len(problems) == n:
-            out.append(Treatment(step=step, outcome=outcome, weeks=weeks, modalities=tuple(mods),
+            out.append(Treatment(step=str(step), outcome=str(outcome), weeks=weeks, modalities=tuple(mods),
                                  sessions=sessions, note=note))
     return tuple(out)
 

@@ -82,7 +82,7 @@ def unanswered(values: Mapping[str, Any], item: str) -> bool:
     return values.get(item, UNKNOWN) in NOT_DONE
 
 
-def findings_of(rule: "Rule", values: Mapping[str, Any]) -> list[str]:
+def findings_of(rule: Rule, values: Mapping[str, Any]) -> list[str]:
     """The facts a rule's condition read that carry information: present findings and known values."""
     out = []
     for f in rule.facts:
@@ -93,10 +93,9 @@ def findings_of(rule: "Rule", values: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
-            fired: Sequence["Rule"], provenance: Mapping[str, Any]) -> "Recommendation":
-    from cds.recommendation import (Advice, Caution, DataItem, Reason, Recommendation, RedFlag,
-                                    WeakFlag)
+def combine(ruleset: CompiledRuleset, case_id: str, values: Mapping[str, Any],
+            fired: Sequence[Rule], provenance: Mapping[str, Any]) -> Recommendation:
+    from cds.recommendation import Advice, Caution, DataItem, Reason, Recommendation, RedFlag, WeakFlag
 
     by_type: dict[str, list[Rule]] = {}
     for rule in fired:
@@ -199,7 +198,7 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
                  for r in by_type.get("weak-flag", ()))
     if red_flags:
         top = max(red_flags, key=lambda f: f.urgency)  # first of the highest urgency, in rule order
-        referral = top.referral_target
+        referral: str | None = top.referral_target
     else:
         referral = step_referral
     rec = Recommendation(
@@ -214,7 +213,7 @@ def combine(ruleset: "CompiledRuleset", case_id: str, values: Mapping[str, Any],
     return rec
 
 
-def guard(rec: "Recommendation") -> None:
+def guard(rec: Recommendation) -> None:
     """Invariant 1, checked at run time: a red flag can never end below its own urgency."""
     for flag in rec.red_flags:
         if rec.urgency < flag.urgency or rec.care_step < CareStep.MEDICAL or rec.status is None:

@@ -18,7 +18,7 @@ from cds.conditions import UNKNOWN
 from cds.pathway import CareStep, Status, Urgency
 
 if TYPE_CHECKING:
-    from cds.rulesets import CompiledRuleset, Rule
+    from cds.rulesets import Rule
 
 
 def _json_value(v: Any) -> Any:
@@ -64,7 +64,7 @@ class Reason:
     facts_used: tuple[tuple[str, Any], ...]
 
     @classmethod
-    def of(cls, rule: "Rule", values: Mapping[str, Any]) -> "Reason":
+    def of(cls, rule: Rule, values: Mapping[str, Any]) -> Reason:
         get = values.get
         return cls(rule_id=rule.id, title=rule.title, effect=rule.effect["type"], message=rule.message,
                    sources=rule.citations, facts_used=tuple([(f, get(f, UNKNOWN)) for f in rule.facts]))

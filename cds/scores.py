@@ -103,7 +103,7 @@ def _trial_failed(facts: PatientFacts, step: str, min_weeks: float) -> str:
     for t in facts.treatments:
         if t.step != step:
             continue
-        if t.outcome in NOT_ADEQUATELY_IMPROVED and t.weeks != UNKNOWN and t.weeks >= min_weeks:
+        if t.outcome in NOT_ADEQUATELY_IMPROVED and not isinstance(t.weeks, str) and t.weeks >= min_weeks:
             failed = True
         elif t.outcome in IMPROVED:
             improved = True
@@ -146,7 +146,8 @@ def derive(facts: PatientFacts, params: Mapping[str, float]) -> dict[str, Any]:
                                      compare(duration, "gt", params["ng65_duration_weeks_over"])))
 
     trial = params["no_improvement_trial_weeks"]
-    if any(t.outcome in FAILURE_TO_IMPROVE and t.weeks != UNKNOWN and t.weeks >= trial for t in facts.treatments):
+    if any(t.outcome in FAILURE_TO_IMPROVE and not isinstance(t.weeks, str) and t.weeks >= trial
+           for t in facts.treatments):
         values["no_improvement_after_4_weeks"] = "present"
     elif compare(duration, "lt", trial) is True or any(t.outcome in NOT_ADEQUATELY_IMPROVED - FAILURE_TO_IMPROVE
                                                        or t.outcome in IMPROVED for t in facts.treatments):

@@ -6,8 +6,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cds.conditions import (And, Cmp, Count, In, Is, Not, Or, ParseContext, compare, compile_predicate, describe,
-                            facts_of, parse)
+from cds.conditions import (
+    And,
+    Cmp,
+    Count,
+    In,
+    Is,
+    Not,
+    Or,
+    ParseContext,
+    compare,
+    compile_predicate,
+    describe,
+    facts_of,
+    parse,
+)
 from cds.facts import Censored
 
 KINDS = {

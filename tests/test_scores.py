@@ -26,7 +26,7 @@ def keele(q1, q2, q3, q4, q5, q6, q7, q8, q9):
 @pytest.mark.parametrize("q9", Q9)
 def test_start_back_all_1280_combinations(q9):
     for bits in itertools.product([False, True], repeat=8):
-        answers = dict(zip(START_BACK_ITEMS, [*bits, q9]))
+        answers = dict(zip(START_BACK_ITEMS, [*bits, q9], strict=True))
         assert start_back_scores(answers) == keele(*bits, q9), answers
 
 

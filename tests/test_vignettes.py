@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 import cds
-from tests.conftest import ENGINE
 from cds.scores import start_back_scores
+from tests.conftest import ENGINE
 
 RULESET, VERSION = "back-hip-pain", "1.0.0"
 VIGNETTES = yaml.safe_load((Path(__file__).parent / "fixtures" / "vignettes.yaml").read_text(encoding="utf-8"))

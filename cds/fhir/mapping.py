@@ -53,7 +53,6 @@ Case id
 
 from __future__ import annotations
 
-from cds.errors import FactsError, Problem
 import datetime as dt
 import functools
 import hashlib
@@ -68,6 +67,8 @@ from typing import Any
 
 import attrs
 import yaml
+
+from cds.errors import FactsError, Problem
 
 __all__ = [
     "FhirMapping",
