@@ -118,6 +118,7 @@ from cds.rulesets import (
     Registry,
     compile_ruleset,
     fact_kinds,
+    load_document,
     load_yaml,
 )
 from cds.scores import PARAMETERS
@@ -194,12 +195,7 @@ def load_for_review(ref: str | Path | CompiledRuleset, root: str | Path | None =
     if locked is not None and locked != digest:
         raise RulesetError(f"content does not match the sha256 locked at release ({locked[:12]}...); a released "
                            "version never changes: put the change in a new version", path=str(path))
-    data = load_yaml(raw, str(path))
-    if not isinstance(data, dict):
-        raise RulesetError("expected a YAML mapping at the top level", path=str(path))
-    if data.get("id") != path.parent.name or data.get("version") != path.stem:
-        raise RulesetError(f"id/version inside the file must be {path.parent.name!r} and {path.stem!r} (quoted)",
-                           path=str(path))
+    data = load_document(raw, str(path), path.parent.name, path.stem)
     compiled = compile_ruleset(data, sha256=digest, path=str(path))
     compiled.released = locked is not None
     return compiled
@@ -245,12 +241,7 @@ def release(root: str | Path | None, ruleset_id: str, version: str) -> str:
         same = "" if released[key] == digest else " and the file no longer matches it"
         raise RulesetError(f"{key} is already released (sha256 {released[key][:12]}...){same}; a released version "
                            "never changes: put the change in a new version", path=str(path))
-    data = load_yaml(raw, str(path))
-    if not isinstance(data, dict):
-        raise RulesetError("expected a YAML mapping at the top level", path=str(path))
-    if data.get("id") != ruleset_id or data.get("version") != version:
-        raise RulesetError(f"id/version inside the file must be {ruleset_id!r} and {version!r} (quoted)",
-                           path=str(path))
+    data = load_document(raw, str(path), ruleset_id, version)
     if data.get("status") == "draft":
         raise RulesetError("refusing to release a draft: set status to active (or retired) once it is signed off",
                            path=str(path))

@@ -61,6 +61,16 @@ def load_yaml(text: bytes, path: str) -> Any:
         raise RulesetError(f"not valid YAML: {exc}", path=path) from None
 
 
+def load_document(raw: bytes, path: str, ruleset_id: str, version: str) -> dict[str, Any]:
+    """The YAML document of ``<id>/<version>.yaml``: a mapping whose id and version match the file name."""
+    data = load_yaml(raw, path)
+    if not isinstance(data, dict):
+        raise RulesetError("expected a YAML mapping at the top level", path=path)
+    if data.get("id") != ruleset_id or data.get("version") != version:
+        raise RulesetError(f"id/version inside the file must be {ruleset_id!r} and {version!r} (quoted)", path=path)
+    return data
+
+
 @functools.cache
 def _validator() -> Any:
     import jsonschema
@@ -254,12 +264,7 @@ class Registry:
             if locked is not None and locked != digest:
                 raise RulesetError(f"content does not match the sha256 locked at release ({locked[:12]}...); a "
                                    "released version never changes: put the change in a new version", path=str(path))
-            data = load_yaml(raw, str(path))
-            if not isinstance(data, dict):
-                raise RulesetError("expected a YAML mapping at the top level", path=str(path))
-            if data.get("id") != ruleset_id or data.get("version") != version:
-                raise RulesetError(f"id/version inside the file must be {ruleset_id!r} and {version!r} (quoted)",
-                                   path=str(path))
+            data = load_document(raw, str(path), ruleset_id, version)
             # An unreleased non-draft version loads (authors iterate on it before release), but its
             # provenance says so and `cds rulesets lint` reports it as an error; the shipped-ruleset
             # tests require every non-draft version to be in the lock.
