@@ -126,6 +126,17 @@ def _path(parent: str, key: str) -> str:
     return f"{parent}.{key}" if _IDENTIFIER.fullmatch(key) else f"{parent}[<a key that is not an identifier>]"
 
 
+def _is_text(value: Any, max_len: int, min_len: int = 0) -> bool:
+    """A string that is valid Unicode (no unpaired surrogates, which JSON escapes can carry) of a sane length."""
+    if not isinstance(value, str) or not min_len <= len(value) <= max_len:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
@@ -206,13 +217,13 @@ class PatientFacts:
             raise FactsError([Problem("$", f"expected a JSON object (one case), got {_type_name(data)}")])
         cat = catalogue()
         raw_id = data.get("case_id")
-        if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_CASE_ID:
+        if _is_text(raw_id, MAX_CASE_ID, 1):
             case_id = raw_id
         elif "case_id" not in data:
             problems.append(Problem("$.case_id", "required: a non-empty string identifying the case"))
         else:
-            problems.append(Problem("$.case_id", f"expected a string of 1 to {MAX_CASE_ID} characters, "
-                                                 f"got {_type_name(raw_id)}"))
+            problems.append(Problem("$.case_id", f"expected a string of 1 to {MAX_CASE_ID} characters of valid "
+                                                 f"Unicode, got {_type_name(raw_id)}"))
         for key in data:
             if key not in ("case_id", "context", "findings", "treatments", "start_back", "odi", "unknown_reasons"):
                 problems.append(Problem(_path("$", str(key)), "unknown key; expected case_id, context, findings, "
@@ -335,8 +346,8 @@ def _parse_treatments(raw: Any, cat: Catalogue, problems: list[Problem]) -> tupl
                                          and 0 <= sessions <= MAX_MAGNITUDE):
             problems.append(Problem(f"{path}.sessions", f"expected an integer >= 0, got {_type_name(sessions)}"))
         note = rec.get("note")
-        if note is not None and not (isinstance(note, str) and len(note) <= 2000):
-            problems.append(Problem(f"{path}.note", "expected a string of at most 2000 characters"))
+        if note is not None and not _is_text(note, 2000):
+            problems.append(Problem(f"{path}.note", "expected a string of at most 2000 characters of valid Unicode"))
         if len(problems) == n:
             out.append(Treatment(step=str(step), outcome=str(outcome), weeks=weeks, modalities=tuple(mods),
                                  sessions=sessions, note=note))

@@ -95,3 +95,36 @@ def test_card_checker_rejects_invalid_cards():
     assert attack.card_problems({"cards": [{"summary": "s", "indicator": "info", "source": {"label": "c"},
                                             "suggestions": [{"label": "x"}]}]})  # selectionBehavior missing
     assert attack.card_problems({"nope": []})
+
+
+# ----------------------------------------------------------------------------------- found by tools/fuzz_report.py
+SURROGATE_BUNDLE = (b'{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": '
+                    b'{"resourceType": "Patient", "id": "\\ud800", "birthDate": "1960-01-01"}}]}')
+
+
+# Found by tools/fuzz_report.py (test_fuzz.py's FHIR target at 5,000 examples): a Patient.id holding a
+# lone surrogate (JSON escape \ud800) crashed the case-id hash; such input is now a FactsError.
+def test_fhir_bundle_with_a_surrogate_patient_id_is_refused_not_crashed():
+    import datetime as dt
+    import json
+
+    import cds
+    from cds.fhir import facts_from_bundle
+
+    bundle = json.loads(SURROGATE_BUNDLE)
+    try:
+        mapping = facts_from_bundle(bundle, reference_date=dt.date(2024, 1, 1))
+    except cds.FactsError:
+        return
+    json.dumps(mapping.case)
+
+
+def test_cli_fhir_explain_with_a_surrogate_patient_id_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "bundle.json"
+    path.write_bytes(SURROGATE_BUNDLE)
+    run = subprocess.run([sys.executable, "-m", "cds", "fhir", "explain", str(path)],  # noqa: S603 - our own CLI
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, (run.returncode, run.stderr[-300:])

@@ -168,8 +168,23 @@ def test_fhir_adapter_reports_bad_data_and_never_crashes(evaluator, items, junk)
 
     TRIED["fhir: generated resources"] += 1
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in items] + [junk]}
-    mapping = facts_from_bundle(bundle, reference_date=dt.date(2024, 1, 1))
+    try:
+        mapping = facts_from_bundle(bundle, reference_date=dt.date(2024, 1, 1))
+    except cds.FactsError as exc:  # the one documented refusal of a whole Bundle's content
+        assert "not valid Unicode" in str(exc)
+        return
     evaluator.evaluate(mapping.case)  # whatever the resources held, the case they make is valid
     with pytest.raises(cds.FactsError):
         facts_from_bundle(junk if not isinstance(junk, dict) else {**junk, "resourceType": "Nope"},
                           reference_date=dt.date(2024, 1, 1))
+
+
+@pytest.mark.parametrize("case", [
+    {"case_id": "\ud800", "context": {"region": "back"}},
+    {"case_id": "x", "context": {"region": "back"},
+     "treatments": [{"step": "medical", "outcome": "worse", "note": "ok \udc80"}]},
+])
+def test_unpaired_surrogates_are_a_facts_error(evaluator, case):
+    # JSON can carry "\\ud800"; such a string cannot be encoded, hashed or written as UTF-8.
+    with pytest.raises(cds.FactsError, match="valid Unicode"):
+        evaluator.evaluate(case)

@@ -520,6 +520,8 @@ def _oracle_cases() -> list[Any]:
         bases.append((s, d))
     older = case(age_years=PARAMS["malignancy_age_over"] + 3, remove=("night_pain",))
     older["treatments"] = [{"step": "self-care", "weeks": 6, "outcome": "no-improvement"}]
+    # referred presentations the vocabulary routes across regions: an AAA felt as abdominal pain in a hip patient
+    bases += [("aaa_collapse_shock_or_mass", case("hip", abdominal_pain=P, collapse_or_syncope=P))]
     bases += [("older_new_pain_malignancy_screen", older),
               ("fragility_fracture_screen", case(age_years=PARAMS["fracture_age_over"] + 1, remove=("minor_trauma",)))]
     bases += [("weak", _weak_case(*pair)) for pair in (("no_improvement", "night_pain"), ("older", "first_episode"))]
@@ -782,3 +784,11 @@ def test_width_model_counts_eq_ge_le_true_together_on_one_number() -> None:
     net = Network.compile("num@1", [("e", Cmp("x", "eq", 5)), ("g", Cmp("x", "ge", 5)), ("l", Cmp("x", "le", 5))])
     assert net.widths == (3,)
     assert net.fired({"x": 5}) == {"e", "g", "l"} and net.fired({"x": 6}) == {"g"}
+
+
+@pytest.mark.parametrize("sign", ["collapse_or_syncope", "hypotension_or_shock", "pulsatile_abdominal_mass"])
+def test_aaa_with_abdominal_pain_escalates_whatever_the_pain_region(sign: str) -> None:
+    """Vocabulary: new back *and/or abdominal* pain with collapse, shock or a pulsatile mass is an emergency."""
+    rec = evaluate(case("hip", abdominal_pain=P, **{sign: P}))
+    _assert_escalates(rec, "aaa_collapse_shock_or_mass")
+    assert rec["urgency"] == "emergency" and rec["status"] == "complete"

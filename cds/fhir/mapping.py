@@ -350,6 +350,16 @@ def _fmt_value(v: Any) -> str:
 
 # ----------------------------------------------------------------------------- public API
 
+def _require_valid_unicode(data: Any) -> None:
+    """JSON can carry unpaired surrogate escapes ("\\ud800"); no id, hash or output could hold them."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FactsError([Problem("$", "contains text that is not valid Unicode (an unpaired surrogate)")]) from None
+    except (TypeError, ValueError, RecursionError):
+        pass  # not JSON-shaped at all: the structural checks report it
+
+
 def facts_from_bundle(bundle: dict, *, reference_date: dt.date, case_id: str | None = None) -> FhirMapping:
     """Map a FHIR R4 Bundle (parsed JSON) of one patient to a case file.
 
@@ -361,6 +371,7 @@ def facts_from_bundle(bundle: dict, *, reference_date: dt.date, case_id: str | N
                                        f"got {type(bundle).__name__}")])
     if bundle.get("resourceType") != "Bundle":
         raise FactsError([Problem("$.resourceType", "expected a FHIR resource with resourceType 'Bundle'")])
+    _require_valid_unicode(bundle)
     pre_issues: list[MappingIssue] = []
     resources_: list[dict] = []
     full_urls: dict[str, dict] = {}
@@ -396,6 +407,7 @@ def facts_from_resources(resources: Iterable[dict], *, reference_date: dt.date,
     except TypeError as exc:
         raise FactsError([Problem("$", "expected an iterable of FHIR resource objects, "
                                        f"got {type(resources).__name__}")]) from exc
+    _require_valid_unicode(items)
     pre_issues: list[MappingIssue] = []
     good: list[dict] = []
     for i, res in enumerate(items):
@@ -1419,7 +1431,7 @@ class _Mapper:
         case_id = self.case_id
         if case_id is None:
             if self.patient_id:
-                case_id = "fhir-" + hashlib.sha256(self.patient_id.encode()).hexdigest()[:12]
+                case_id = "fhir-" + hashlib.sha256(self.patient_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
             else:
                 case_id = "fhir-case"
         context: dict[str, Any] = {}
