@@ -158,7 +158,7 @@ case "$CMD" in
     xargs -a "$WORK/selected.txt" -d '\n' "$PY" -m mutmut run --max-children "$MAX_CHILDREN" \
         > "$WORK/run.log" 2>&1 || true
     echo "mutmut run took $(( $(date +%s) - start )) s"
-    "$0" summary
+    "$HERE/tools/mutation.sh" summary
     ;;
   results)
     cd "$WORK" && "$PY" -m mutmut results --all true
