@@ -65,11 +65,16 @@ import attrs
 from cds.errors import CdsError, EngineError, FactsError, RulesetError
 from cds.facts import MAX_CASE_ID
 
-_loads_fast: Callable[[bytes], Any]
-try:  # results files are re-read on --resume and by summarize; orjson parses them several times faster
-    from orjson import loads as _loads_fast
-except ImportError:  # pragma: no cover
-    _loads_fast = json.loads
+def _optional_orjson_loads() -> Callable[[bytes], Any]:
+    # results files are re-read on --resume and by summarize; orjson (not a dependency) parses them faster
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover
+        return json.loads
+    return orjson.loads  # type: ignore[no-any-return]
+
+
+_loads_fast: Callable[[bytes], Any] = _optional_orjson_loads()
 
 NDJSON_SUFFIXES = (".ndjson", ".jsonl")
 CHUNK_SIZE = 64  # cases per task sent to a local worker: about 40 ms of work, so workers rarely idle
