@@ -65,6 +65,7 @@ import attrs
 from cds.errors import CdsError, EngineError, FactsError, RulesetError
 from cds.facts import MAX_CASE_ID
 
+
 def _optional_orjson_loads() -> Callable[[bytes], Any]:
     # results files are re-read on --resume and by summarize; orjson (not a dependency) parses them faster
     try:
