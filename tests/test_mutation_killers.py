@@ -515,9 +515,12 @@ def _oracle_cases() -> list[Any]:
     bases += [(p.values[0], p.values[1]) for p in BOUNDARIES]
     bases += [(s, c) for s, c in SCREEN_CASES.items()]
     for s, c in SCREEN_CASES.items():  # the screen firing with an item unknown: its condition decides what is asked
-        d = copy.deepcopy(c)
-        d["findings"].pop(SCREENS[s]["require"][0], None)
-        bases.append((s, d))
+        for item in dict.fromkeys((SCREENS[s]["require"][0], SCREENS[s]["require"][-1])):
+            d = copy.deepcopy(c)
+            d["findings"].pop(item, None)
+            if item == "bilateral_leg_symptoms":
+                d["context"].pop("leg_symptom_laterality", None)  # laterality would answer it
+            bases.append((s, d))
     older = case(age_years=PARAMS["malignancy_age_over"] + 3, remove=("night_pain",))
     older["treatments"] = [{"step": "self-care", "weeks": 6, "outcome": "no-improvement"}]
     # referred presentations the vocabulary routes across regions: an AAA felt as abdominal pain in a hip patient

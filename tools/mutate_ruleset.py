@@ -31,6 +31,7 @@ A mutant the ruleset loader refuses (e.g. a suspect trigger left with no request
 
     python tools/mutate_ruleset.py [--suite clinical|all] [--engine reference|durable-rules]
                                    [--only REGEX] [--list] [--jobs N] [--json OUT]
+    python tools/mutate_ruleset.py --suite all --summarize BEFORE.json AFTER.json
 """
 
 from __future__ import annotations
@@ -299,7 +300,16 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="split over N worker processes")
     ap.add_argument("--shard", help=argparse.SUPPRESS)   # k/n, used by --jobs
     ap.add_argument("--json", help="write per-mutant results to this file")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON",
+                    help="only print the summary of earlier --json results (later files override earlier ones by "
+                         "mutant id, e.g. a full run then a re-run of its survivors with --suite all)")
     args = ap.parse_args()
+    if args.summarize:
+        merged: dict[str, dict[str, Any]] = {}
+        for f in args.summarize:
+            merged.update({r["id"]: r for r in json.loads(Path(f).read_text(encoding="utf-8"))})
+        summarize(sorted(merged.values(), key=lambda r: r["id"]), args.suite)
+        return 0
 
     import yaml
 
@@ -376,16 +386,39 @@ def _fan_out(args: argparse.Namespace, todo: list[dict[str, Any]]) -> int:
     return max(codes)
 
 
-# Mutants that cannot be told apart from the shipped ruleset by any valid case (argued one by one).
-EQUIVALENT: dict[str, str] = {}
+# Mutants that no valid case can tell apart from the shipped ruleset, keyed "rule: description", with why.
+_AAA_SHADOW = ("aaa_screen has the condition of the suspect trigger aaa_sudden_back_pain_over_50 (back region, age > "
+               "aaa_suspicion_age_over, sudden onset) and requires exactly the six items the trigger requests. Whenever "
+               "the screen applies the trigger fires: its unanswered requests are asked first (rule_id = the trigger) "
+               "and the screen adds nothing; with every request answered the red flag is confirmed-complete and screens "
+               "are not asked. So a mutant that only narrows aaa_screen (a region dropped, a higher age, an item "
+               "dropped) changes no output; mutants that widen it were killed")
+_NIGHT_PAIN = ("older_new_pain_malignancy_screen requires only night_pain, which the universal hip screen requires "
+               "too and asks first (rule order) for every hip or both-region case; so letting this back screen also "
+               "apply to hip/both cases, or taking 'both' away from it, asks exactly the same items")
+EQUIVALENT: dict[str, str] = {
+    "aaa_screen: when.all[0]<back_region>: region in ['back', 'both']: 'back' dropped": _AAA_SHADOW,
+    "aaa_screen: when.all[0]<back_region>: region in ['back', 'both']: 'both' dropped": _AAA_SHADOW,
+    "aaa_screen: when.all[1].all[0]: age_years gt aaa_suspicion_age_over=50 -> 51": _AAA_SHADOW,
+    **{f"aaa_screen: effect.require: {item} dropped": _AAA_SHADOW for item in (
+        "hypotension_or_shock", "systolic_bp_mmhg", "heart_rate_bpm", "pulsatile_abdominal_mass", "collapse_or_syncope",
+        "abdominal_pain")},
+    "older_new_pain_malignancy_screen: when.all[0] dropped": _NIGHT_PAIN,
+    "older_new_pain_malignancy_screen: when.all[0]<back_region>: region in ['back', 'both']: 'both' dropped":
+        _NIGHT_PAIN,
+}
+
+
+def _key(r: dict[str, Any]) -> str:
+    return f"{r['rule']}: {r['description']}"
 
 
 def summarize(results: list[dict[str, Any]], suite: str) -> None:
     killed = [r for r in results if r["status"] == "killed"]
     survived = [r for r in results if r["status"] == "survived"]
     invalid = [r for r in results if r["status"] == "invalid"]
-    equivalent = [r for r in survived if r["description"] in EQUIVALENT]
-    real = [r for r in survived if r["description"] not in EQUIVALENT]
+    equivalent = [r for r in survived if _key(r) in EQUIVALENT]
+    real = [r for r in survived if _key(r) not in EQUIVALENT]
     scored = len(killed) + len(real)
     print()
     print(f"suite {suite}: {len(results)} mutants: {len(killed)} killed, {len(survived)} survived "
@@ -406,7 +439,9 @@ def summarize(results: list[dict[str, Any]], suite: str) -> None:
     if equivalent:
         print("equivalent (not counted):")
         for r in equivalent:
-            print(f"  {r['id']} {r['rule']}: {r['description']} -- {EQUIVALENT[r['description']]}")
+            print(f"  {r['id']} {r['rule']}: {r['description']}")
+        for why in dict.fromkeys(EQUIVALENT[_key(r)] for r in equivalent):
+            print(f"  why: {why}")
     if invalid:
         print("refused by the loader (not counted):")
         for r in invalid:
