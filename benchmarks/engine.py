@@ -19,7 +19,6 @@ Then the split of cds.evaluate's time inside the two evaluators and outside them
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import resource
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cds  # noqa: E402
 from cds.facts import PatientFacts, catalogue  # noqa: E402
@@ -95,36 +95,10 @@ def timed(fn: Any, items: list[Any]) -> tuple[float, list[float], list[Any]]:
 
 def stock_host(net: Any) -> Any:
     """A stock durable_rules Host with the same compiled definitions and one Python action per rule."""
-    from durable import engine
-    from durable.engine import MessageNotHandledException
+    from engine_paths import make_host, run_host  # the same stock path the synthetic benchmark measures
 
-    fired: set[str] = set()
-
-    def action(rid: str) -> Any:
-        def run(c: Any) -> None:  # one parameter: durable treats a second one as an async callback
-            fired.add(rid)
-        return run
-
-    host = engine.Host()
-    names = []
-    for i, text in enumerate(net.definitions):
-        definition = json.loads(text)
-        for name in definition:
-            definition[name]["run"] = action(net._rule_of_action[name])
-        host.register_rulesets({f"{net.name}#stock{i}": definition})
-        names.append(f"{net.name}#stock{i}")
-
-    def run_case(values: Any) -> frozenset[str]:
-        fired.clear()
-        for name, payload in zip(names, net._encode(values), strict=True):
-            fact = json.loads(payload)
-            try:
-                host.assert_fact(name, fact)
-            except MessageNotHandledException:
-                pass
-            host.retract_fact(name, {"sid": fact["sid"], "id": fact["id"]})
-        return frozenset(fired)
-    return run_case
+    host, names, fired = make_host(net)
+    return lambda values: run_host(host, names, fired, net, [values])[0]
 
 
 def pct(lat: list[float], q: float) -> float:

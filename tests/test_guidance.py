@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 import cds
 from cds.fhir.guidance import (
@@ -69,14 +68,9 @@ def evaluator() -> cds.Evaluator:
 
 def all_cases() -> list[tuple[str, dict[str, Any]]]:
     out = list(CASES.items())
-    for v in yaml.safe_load((HERE / "fixtures" / "vignettes.yaml").read_text(encoding="utf-8"))["vignettes"]:
-        case = {"case_id": v["id"], "context": dict(v["context"]), "findings": dict(v.get("facts") or {}),
-                "treatments": list(v.get("treatments") or [])}
-        if v.get("start_back") is not None:
-            case["start_back"] = dict(v["start_back"])
-        if v.get("unknown_reasons"):
-            case["unknown_reasons"] = dict(v["unknown_reasons"])
-        out.append((f"vignette-{v['id']}", case))
+    from tests.test_vignettes import VIGNETTES, case_of
+
+    out += [(f"vignette-{v['id']}", case_of(v)) for v in VIGNETTES["vignettes"]]
     return out
 
 
