@@ -795,3 +795,19 @@ def test_aaa_with_abdominal_pain_escalates_whatever_the_pain_region(sign: str) -
     rec = evaluate(case("hip", abdominal_pain=P, **{sign: P}))
     _assert_escalates(rec, "aaa_collapse_shock_or_mass")
     assert rec["urgency"] == "emergency" and rec["status"] == "complete"
+
+
+def test_narrowest_width_and_the_refusals_name_the_rule() -> None:
+    from cds.conditions import And, Is, Or
+    from cds.engine import Network
+    from cds.errors import RulesetError
+
+    assert Network.compile("w1@1", [("r", Is("a", "present"))], max_width=1).widths == (1,)  # 1 is allowed
+    eight = And(tuple(Or((Is(f"a{i}", "present"), Is(f"b{i}", "present"))) for i in range(8)))
+    net = Network.compile("w8@1", [("r", eight)], max_width=1)   # 2**8 pieces: exactly the 256 allowed
+    assert net.engine_rule_count == 256 and set(net.widths) == {1}
+    nine = And(tuple(Or((Is(f"a{i}", "present"), Is(f"b{i}", "present"))) for i in range(9)))
+    with pytest.raises(RulesetError, match=r"^rule 'r' cannot be compiled for durable_rules: even split into 256 "):
+        Network.compile("w9@1", [("r", nine)], max_width=1)
+    with pytest.raises(RulesetError, match=r"^rule 'r': a condition names no fact id$"):
+        Network.compile("nofact@1", [("r", Is("", "present"))])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the core with mutmut 3 (pip install mutmut), in a scratch copy of the repository.
 #
-#   tools/mutation.sh [run|results|summary] [--sample N] [--tests FILES...]
+#   tools/mutation.sh [run|rerun|results|summary] [--sample N] [--names FILE] [--tests FILES...]
 #
 # What is mutated (mutmut mutates function bodies; module-level tables are not mutated):
 #   cds/pathway.py     everything (care step, urgency, escalation, status, guard)
@@ -160,6 +160,17 @@ case "$CMD" in
     echo "mutmut run took $(( $(date +%s) - start )) s"
     "$HERE/tools/mutation.sh" summary
     ;;
+  rerun)
+    # re-run some mutants (--names FILE) in an existing $WORK after tests/test_mutation_killers.py changed:
+    # mutmut finds the new tests and collects stats for them only
+    [[ -n "$NAMES_FILE" ]] || { echo "rerun needs --names FILE" >&2; exit 2; }
+    for d in "$WORK/tests" "$WORK/mutants/tests"; do cp "$HERE/tests/test_mutation_killers.py" "$d/"; done
+    cp "$NAMES_FILE" "$WORK/selected.txt"
+    cd "$WORK"
+    export HYPOTHESIS_PROFILE=dev
+    xargs -a "$WORK/selected.txt" -d '\n' "$PY" -m mutmut run --max-children "$MAX_CHILDREN" > "$WORK/rerun.log" 2>&1 || true
+    "$HERE/tools/mutation.sh" summary
+    ;;
   results)
     cd "$WORK" && "$PY" -m mutmut results --all true
     ;;
@@ -206,5 +217,5 @@ for name, st in sorted(status.items()):
         print(f"  {name}  ({st})" + (f"  EQUIVALENT: {equivalent[name]}" if name in equivalent else ""))
 EOF
     ;;
-  *) echo "usage: $0 [run|results|summary] [--sample N] [--tests FILES...]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|rerun|results|summary] [--sample N] [--names FILE] [--tests FILES...]" >&2; exit 2 ;;
 esac
