@@ -22,6 +22,9 @@
 # really exercised, not served from a ruleset compiled before the fork.
 #
 # --sample N runs a deterministic sample of N mutants (every k-th of the sorted names) instead of all.
+#   In scope: 3,106 mutants (pathway 568, conditions 703, scores 529, engine compile 1,306); survivors cost a
+#   whole clinical run each, so a full run takes many hours on two shared cores: the hardening figures come
+#   from --sample 320 (about every tenth).
 # --names FILE runs exactly the mutants named in FILE (one a line), e.g. the survivors of an earlier run.
 # MUTATION_SOURCE=DIR takes cds/ and tests/ from DIR (a snapshot of an earlier run's tree, so mutant names
 # stay the same while cds/ moves on) and adds tests/test_mutation_killers.py from this repository.
